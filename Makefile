@@ -31,11 +31,11 @@ run: install
 	$(BIN)/tokenmill generate "$(PROMPT)"
 
 test: install-test
-	$(BIN)/ruff check tokenmill tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 lint: install-test
-	$(BIN)/ruff check tokenmill tests benchmarks
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV)
