@@ -195,3 +195,48 @@ def _dtype_name(value) -> str | None:
     if value is None:
         return None
     return str(value).removeprefix("torch.")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to start; vLLM's names. The CLI's flags are generated from these fields."""
+
+    model: str | None = None
+    """A Hugging Face model folder or a .gguf file; None = the bundled SmolLM2-135M-Instruct."""
+    dtype: str = "auto"
+    """auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16."""
+    device: str = "cpu"
+    """torch device to run on: cpu, cuda, cuda:1, ..."""
+    max_model_len: int | None = None
+    """Longest prompt + output in tokens; default: the model's max_position_embeddings."""
+    max_num_seqs: int = 64
+    """Most sequences in one batch."""
+    max_num_batched_tokens: int = 1024
+    """Token budget of one step: prefill chunks and decode tokens together."""
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    kv_cache_memory: int | None = None
+    """KV-cache size in bytes; default 1 GiB on CPU, `gpu_memory_utilization` of free memory on GPU."""
+    gpu_memory_utilization: float = 0.9
+    """On GPU: share of the device memory the weights, activations and KV cache may use together."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of a cached prompt prefix (the next turn of a chat, a shared system prompt)."""
+    seed: int = 0
+    """Seed of the shared RNG that unseeded sampled requests draw from."""
+    tensor_parallel_size: int = 1
+    """GPUs per model; only 1 is implemented."""
+    chat_template: str | None = None
+    """A chat template file or inline Jinja string overriding the model's own."""
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not implemented yet")

@@ -142,8 +142,9 @@ class Scheduler:
     def _sibling_prefilling(self, req: Request) -> bool:
         if req.group_id is None:
             return False
-        return any(r.group_id == req.group_id and r.num_computed_tokens < len(r.prompt_token_ids)
-                   for r in self.running)
+        # Only full blocks are shared, so a sibling past its prompt's last full block no longer matters.
+        full = len(req.prompt_token_ids) // self.kv.block_size * self.kv.block_size
+        return any(r.group_id == req.group_id and r.num_computed_tokens < full for r in self.running)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)
