@@ -1,0 +1,126 @@
+"""Offline batch generation: `LLM(model).generate(prompts, SamplingParams(...))`, vLLM's interface.
+
+    prompts (text, token ids, or {"prompt": ..} / {"prompt_token_ids": ..} dicts)
+      -> tokenize -> engine.add_request for all -> engine.step() until done (progress bar) -> outputs in input order
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.tokenizer.chat_template import ChatTemplate
+
+PromptType = str | list[int] | dict
+
+
+class LLM:
+    """An engine for offline use. Keyword arguments are `EngineConfig` fields (vLLM's names)."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        items = self._as_prompt_list(prompts)
+        params = self._params_list(sampling_params, len(items))
+        encoded = [self._encode(p) for p in items]
+        return self._run(encoded, params, use_tqdm)
+
+    def chat(self, messages: list[dict] | Sequence[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, chat_template_kwargs: dict | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
+        """Render each conversation with the model's chat template and generate a reply."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        template = ChatTemplate(chat_template or self._require_template())
+        tok = self.tokenizer
+        encoded = []
+        for conv in conversations:
+            text = template.render(conv, add_generation_prompt=add_generation_prompt,
+                                   continue_final_message=continue_final_message, tools=tools,
+                                   bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
+                                   template_kwargs=chat_template_kwargs)
+            encoded.append((text, tok.encode(text, add_special_tokens=False)))
+        return self._run(encoded, self._params_list(sampling_params, len(encoded)), use_tqdm)
+
+    # ------------------------------------------------------------------ internals
+
+    def _run(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams],
+             use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        order = {}
+        for (text, ids), p in zip(encoded, params, strict=True):
+            request_id = str(next(self._ids))
+            engine.add_request(request_id, ids, p, prompt=text)
+            order[request_id] = len(order)
+        results: list[RequestOutput | None] = [None] * len(order)
+        bar = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        start, in_tokens, out_tokens = time.perf_counter(), 0, 0
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        results[order[output.request_id]] = output
+                        in_tokens += len(output.prompt_token_ids)
+                        out_tokens += sum(len(c.token_ids) for c in output.outputs)
+                        elapsed = time.perf_counter() - start
+                        bar.set_postfix_str(f"est. speed input: {in_tokens / elapsed:.2f} toks/s, "
+                                            f"output: {out_tokens / elapsed:.2f} toks/s", refresh=False)
+                        bar.update(1)
+        finally:
+            bar.close()
+            for request_id in list(order):  # an exception mid-run must not leave requests holding blocks
+                engine.abort_request(request_id)
+        return results
+
+    def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    @staticmethod
+    def _as_prompt_list(prompts) -> list[PromptType]:
+        if isinstance(prompts, str | dict):
+            return [prompts]
+        prompts = list(prompts)
+        if prompts and isinstance(prompts[0], int):  # one prompt given as token ids
+            return [prompts]
+        return prompts
+
+    @staticmethod
+    def _params_list(params, count: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams() for _ in range(count)]
+        if isinstance(params, SamplingParams):
+            return [params] * count
+        params = list(params)
+        if len(params) != count:
+            raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
+        return params
+
+    def _require_template(self) -> str:
+        if self.tokenizer.chat_template is None:
+            raise ValueError("this model has no chat template; pass chat_template=...")
+        return self.tokenizer.chat_template
