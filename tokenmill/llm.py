@@ -14,8 +14,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine.beam_search import beam_search
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.tokenizer.chat_template import ChatTemplate
 
@@ -41,7 +42,33 @@ class LLM:
         items = self._as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(items))
         encoded = [self._encode(p) for p in items]
-        return self._run(encoded, params, use_tqdm)
+        beams = [i for i, p in enumerate(params) if p.use_beam_search]
+        if not beams:
+            return self._run(encoded, params, use_tqdm)
+        rest = [i for i in range(len(items)) if i not in set(beams)]
+        results: list[RequestOutput | None] = [None] * len(items)
+        for i, out in zip(rest, self._run([encoded[i] for i in rest], [params[i] for i in rest], use_tqdm),
+                          strict=True):
+            results[i] = out
+        for i in beams:
+            results[i] = self._beam_search_one(encoded[i], params[i])
+        return results
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: SamplingParams) -> list[RequestOutput]:
+        """Beam search (transformers' semantics): `params.num_beams` wide, the `params.n` best beams returned."""
+        return [self._beam_search_one(self._encode(p), params) for p in self._as_prompt_list(prompts)]
+
+    def _beam_search_one(self, encoded: tuple[str | None, list[int]], params: SamplingParams) -> RequestOutput:
+        text, ids = encoded
+        eos = set(self.engine.eos_token_ids) | set(params.stop_token_ids or [])
+        outputs = []
+        for index, beam in enumerate(beam_search(self.engine, ids, params)):
+            ended = bool(beam.token_ids) and beam.token_ids[-1] in eos and not params.ignore_eos
+            outputs.append(CompletionOutput(
+                index=index, text=self.tokenizer.decode(beam.token_ids, skip_special_tokens=params.skip_special_tokens),
+                token_ids=beam.token_ids, cumulative_logprob=beam.logprob,
+                finish_reason="stop" if ended else "length"))
+        return RequestOutput(str(next(self._ids)), text, ids, outputs, finished=True)
 
     def chat(self, messages: list[dict] | Sequence[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,

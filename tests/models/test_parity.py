@@ -83,3 +83,35 @@ def test_greedy_32_tokens_match_transformers(pair):
                            pad_token_id=0, output_logits=True, return_dict_in_generate=True)
         expected = out.sequences[0, len(prompt):].tolist()
         assert_greedy_match(res.token_ids, expected, [step[0] for step in out.logits])
+
+
+@torch.inference_mode()
+def test_step_mixing_decodes_and_prefill_chunks(pair):
+    """One step with two decodes (attended as the padded decode group) and a prompt chunk plus a longer
+    chunk (the masked group) gives each new token the logits of its full sequence."""
+    ours, ref = pair
+    from tokenmill.engine.greedy import allocate_kv_cache, free_kv_cache
+
+    seqs = {name: _random_ids(n, seed=n) for name, n in (("a", 31), ("b", 25), ("c", 11), ("d", 40))}
+    tables = {"a": [0, 1], "b": [2, 3], "c": [4], "d": [5, 6, 7]}
+    allocate_kv_cache(ours, num_blocks=8, block_size=16, dtype=torch.float32, device=torch.device("cpu"))
+    try:
+        # Step 1: a, c and the first 17 tokens of d are prefilled (all but the last token of a and c).
+        first = [("a", 0, 30), ("c", 0, 10), ("d", 0, 17)]
+        ours(torch.tensor([t for n, s, e in first for t in seqs[n][s:e]]),
+             AttentionMetadata.build([e - s for _, s, e in first], [s for _, s, _ in first],
+                                     [tables[n] for n, _, _ in first]))
+        # Step 2: a and c decode one token each, b prefills whole, d continues its prompt.
+        second = [("a", 30, 31), ("b", 0, 25), ("c", 10, 11), ("d", 17, 40)]
+        meta = AttentionMetadata.build([e - s for _, s, e in second], [s for _, s, _ in second],
+                                       [tables[n] for n, _, _ in second])
+        assert meta.decode is not None and len(meta.decode.tokens) == 2
+        hidden = ours(torch.tensor([t for n, s, e in second for t in seqs[n][s:e]]), meta)
+        logits = ours.compute_logits(hidden)
+    finally:
+        free_kv_cache(ours)
+    row = 0
+    for name, start, end in second:
+        expected = ref(torch.tensor([seqs[name][:end]])).logits[0, start:end]
+        torch.testing.assert_close(logits[row:row + end - start], expected, atol=2e-5, rtol=1e-4)
+        row += end - start

@@ -163,6 +163,9 @@ class LLMEngine:
                 group.deltas[int(child.request_id.rsplit("#", 1)[1])] = (delta.delta, [])
         return self._make_output(group)
 
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._groups)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
 

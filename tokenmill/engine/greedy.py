@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenmill.layers.attention import AttentionMetadata
+from tokenmill.layers.attention import allocate_kv_cache as allocate_layer_cache
 
 
 @dataclass
@@ -29,9 +30,7 @@ class GreedyResult:
 def allocate_kv_cache(model, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
     """Give every attention layer a (k, v) pool of num_blocks * block_size slots."""
     for attn in model.attention_layers():
-        shape = (num_blocks * block_size, attn.num_kv_heads, attn.head_dim)
-        attn.kv_cache = (torch.empty(shape, dtype=dtype, device=device),
-                         torch.empty(shape, dtype=dtype, device=device))
+        attn.kv_cache = allocate_layer_cache(num_blocks, attn.num_kv_heads, block_size, attn.head_dim, dtype, device)
 
 
 def free_kv_cache(model) -> None:

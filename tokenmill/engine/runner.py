@@ -7,7 +7,7 @@
                                 (+ logits of every prompt position for requests asking prompt_logprobs)
 
 The runner owns the KV tensors: per layer one key pool and one value pool of
-[num_blocks * block_size, num_kv_heads, head_dim], addressed by the scheduler's block ids.
+[num_blocks, num_kv_heads, block_size, head_dim], addressed by the scheduler's block ids.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenmill.engine.scheduler import SchedulerOutput
-from tokenmill.layers.attention import AttentionMetadata
+from tokenmill.layers.attention import AttentionMetadata, allocate_kv_cache
 
 
 def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
@@ -44,10 +44,10 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = device
+        if hasattr(model, "fuse_projections"):
+            model.fuse_projections()
         for attn in model.attention_layers():
-            shape = (num_blocks * block_size, attn.num_kv_heads, attn.head_dim)
-            attn.kv_cache = (torch.zeros(shape, dtype=dtype, device=device),
-                             torch.zeros(shape, dtype=dtype, device=device))
+            attn.kv_cache = allocate_kv_cache(num_blocks, attn.num_kv_heads, block_size, attn.head_dim, dtype, device)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_tables: list[list[int]], want_prompt_logits: set[int] = frozenset(),
