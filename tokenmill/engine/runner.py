@@ -18,6 +18,7 @@ import torch
 
 from tokenmill.engine.scheduler import SchedulerOutput
 from tokenmill.layers.attention import AttentionMetadata, allocate_kv_cache
+from tokenmill.layers.linear import pack_linears
 
 
 def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
@@ -46,6 +47,7 @@ class ModelRunner:
         self.device = device
         if hasattr(model, "fuse_projections"):
             model.fuse_projections()
+        pack_linears(model)  # CPU float32: oneDNN with pre-packed weights (see layers/linear.py)
         for attn in model.attention_layers():
             attn.kv_cache = allocate_kv_cache(num_blocks, attn.num_kv_heads, block_size, attn.head_dim, dtype, device)
 
