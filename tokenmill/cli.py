@@ -2,9 +2,10 @@
 
     tokenmill generate "PROMPT" [--model PATH] [--max-tokens N] [--raw]
 
-`generate` loads the model (the bundled SmolLM2 GGUF by default), wraps the prompt in the model's chat
-template unless --raw, and streams the greedy continuation to stdout. A model that cannot be loaded or
-a bad argument prints one line on stderr and exits with status 1, not a traceback.
+`generate` loads the model (the bundled SmolLM2 GGUF by default) into the engine, wraps the prompt in the
+model's chat template unless --raw, and streams the reply to stdout (greedy unless --temperature).
+A model that cannot be loaded or a bad argument prints one line on stderr and exits with status 1,
+not a traceback.
 """
 
 from __future__ import annotations
@@ -17,45 +18,44 @@ from tokenmill.errors import TokenmillError
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from tokenmill.engine.greedy import greedy_generate
-    from tokenmill.models.loader import load_model
-    from tokenmill.tokenizer import IncrementalDetokenizer
-    from tokenmill.tokenizer.chat_template import ChatTemplate, load_chat_template
-    from tokenmill.tokenizer.load import load_tokenizer, stop_token_ids
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.engine import LLMEngine
+    from tokenmill.sampling_params import SamplingParams
+    from tokenmill.tokenizer.chat_template import ChatTemplate
 
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    tokenizer = load_tokenizer(loaded)
-    template = load_chat_template(args.chat_template) if args.chat_template else tokenizer.chat_template
-    if args.raw or template is None:
+    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                                    chat_template=args.chat_template))
+    tokenizer = engine.tokenizer
+    if args.raw or tokenizer.chat_template is None:
         prompt_ids = tokenizer.encode(args.prompt)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}]
-        text = ChatTemplate(template).render(messages, add_generation_prompt=True,
-                                             bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
+        text = ChatTemplate(tokenizer.chat_template).render(
+            messages, add_generation_prompt=True, bos_token=tokenizer.bos_token or "",
+            eos_token=tokenizer.eos_token or "")
         # The rendered template already holds every special token it wants (BOS included).
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-    logging.getLogger(__name__).info("model %s loaded in %.1fs; prompt %d tokens",
-                                     loaded.source.name, loaded.load_seconds, len(prompt_ids))
-    detok = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids)
-
-    def emit(_seq: int, token: int) -> None:
-        sys.stdout.write(detok.add([token]))
-        sys.stdout.flush()
-
-    greedy_generate(loaded.model, [prompt_ids], args.max_tokens, stop_token_ids(loaded, tokenizer), on_token=emit)
-    sys.stdout.write(detok.flush() + "\n")
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    engine.add_request("cli", prompt_ids, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            sys.stdout.write(out.outputs[0].delta_text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference engine and OpenAI-compatible server")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="greedy-generate a reply to one prompt and stream it to stdout")
+    gen = sub.add_parser("generate", help="generate a reply to one prompt and stream it to stdout")
     gen.add_argument("prompt", help="the user message (or raw text with --raw)")
     gen.add_argument("--model", default=None,
                      help="a Hugging Face model folder or a .gguf file (default: the bundled SmolLM2-135M-Instruct)")
     gen.add_argument("--max-tokens", type=int, default=128, help="the most tokens to generate (default 128)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher samples more freely")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampled generation")
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="weights and activations dtype; auto = float32 on CPU, bfloat16 on GPU")
     gen.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")

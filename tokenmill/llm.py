@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.tokenizer.chat_template import ChatTemplate
 
 PromptType = str | list[int] | dict
+logger = logging.getLogger(__name__)
 
 
 class LLM:
@@ -116,6 +118,10 @@ class LLM:
             bar.close()
             for request_id in list(order):  # an exception mid-run must not leave requests holding blocks
                 engine.abort_request(request_id)
+        cache = engine.kv.stats
+        logger.info("%d prompts: %d prompt + %d output tokens in %.1fs; prefix cache hit rate %.1f%% (%d of %d tokens)",
+                    len(order), in_tokens, out_tokens, time.perf_counter() - start,
+                    100 * cache.hits / max(cache.queries, 1), cache.hits, cache.queries)
         return results
 
     def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
