@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= Write a haiku about a mill that grinds tokens.
 
-.PHONY: install install-test run test lint clean
+.PHONY: install install-test serve run test lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
+
+serve: install
+	$(BIN)/tokenmill serve $(ARGS)
 
 run: install
 	$(BIN)/tokenmill generate "$(PROMPT)"

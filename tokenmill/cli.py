@@ -1,5 +1,6 @@
 """The `tokenmill` command.
 
+    tokenmill serve [MODEL] [--host H] [--port P] [engine options]   the OpenAI-compatible server
     tokenmill generate "PROMPT" [--model PATH] [--max-tokens N] [--raw]
 
 `generate` loads the model (the bundled SmolLM2 GGUF by default) into the engine, wraps the prompt in the
@@ -46,9 +47,73 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from tokenmill.config import EngineConfig
+    from tokenmill.server.serve import run_server
+
+    config = EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
+    origins = [o.strip() for item in args.allowed_origins or [] for o in item.split(",") if o.strip()]
+    run_server(config, args.host, args.port, args.served_model_name, args.api_key, origins)
+    return 0
+
+
+# LMDeploy's names for the same settings, accepted as aliases.
+_ALIASES = {"max_model_len": ["--session-len"], "tensor_parallel_size": ["--tp"],
+            "gpu_memory_utilization": ["--cache-max-entry-count"]}
+
+
+def _parse_size(text: str) -> int:
+    """Bytes from "2GiB", "512MiB", "1.5GB", "1000000"."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    low = text.strip().lower()
+    for unit, factor in units.items():
+        if low.endswith(unit):
+            return int(float(low[: -len(unit)]) * factor)
+    return int(low)
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per EngineConfig field, its help text the field's docstring."""
+    from dataclasses import MISSING, fields
+
+    from tokenmill.config import EngineConfig, field_docs
+
+    docs = field_docs(EngineConfig)
+    for f in fields(EngineConfig):
+        if f.name in skip:
+            continue
+        flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
+        default = f.default if f.default is not MISSING else None
+        help_text = docs.get(f.name, "")
+        kind = str(f.type)
+        if kind == "bool":
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            convert = _parse_size if f.name == "kv_cache_memory" else (
+                int if kind.startswith("int") else float if kind.startswith("float") else str)
+            parser.add_argument(*flags, dest=f.name, type=convert, default=default, help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference engine and OpenAI-compatible server")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model with an OpenAI-compatible API",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("model", nargs="?", default=None,
+                       help="a Hugging Face model folder or a .gguf file (default: the bundled SmolLM2-135M-Instruct)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    serve.add_argument("--port", "--server-port", dest="port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="the name(s) clients use in `model`; the first is reported by /v1/models")
+    serve.add_argument("--api-key", action="append", default=None,
+                       help="require `Authorization: Bearer KEY` (repeat for several keys); /health stays open")
+    serve.add_argument("--allowed-origins", action="append", default=None,
+                       help="CORS origins allowed to call the API (comma-separated or repeated; '*' for any)")
+    _add_engine_flags(serve, skip=("model",))
+    serve.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="generate a reply to one prompt and stream it to stdout")
     gen.add_argument("prompt", help="the user message (or raw text with --raw)")
     gen.add_argument("--model", default=None,

@@ -48,6 +48,10 @@ class ModelRunner:
         if hasattr(model, "fuse_projections"):
             model.fuse_projections()
         pack_linears(model)  # CPU float32: oneDNN with pre-packed weights (see layers/linear.py)
+        if device.type == "cpu" and dtype == torch.float32:
+            from tokenmill import kernels
+
+            kernels.load("paged_decode")  # built now (~35 s once per machine), not on the first batched request
         for attn in model.attention_layers():
             attn.kv_cache = allocate_kv_cache(num_blocks, attn.num_kv_heads, block_size, attn.head_dim, dtype, device)
 

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (FastAPI). Run it with `tokenmill serve` or `python -m tokenmill.server`."""

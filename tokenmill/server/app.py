@@ -1,0 +1,157 @@
+"""The FastAPI app: thin routes over `ServerState`; every route also answers without the `/v1` prefix.
+
+Start-up: the HTTP server listens at once and the model loads in a background thread; until it is ready
+`/health` answers 503 and the API routes 503 "loading". Shutdown (SIGINT/SIGTERM through uvicorn) stops
+accepting, lets in-flight requests finish, then stops the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from tokenmill import __version__
+from tokenmill.server.chat import create_chat_completion, render_prompt
+from tokenmill.server.completions import create_completion
+from tokenmill.server.errors import error_response, install_error_handlers
+from tokenmill.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
+from tokenmill.server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+# Paths that answer without an API key: liveness probes and the docs.
+_OPEN_PATHS = {"/health", "/version", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+
+
+class _Holder:
+    state: ServerState | None = None
+    error: BaseException | None = None
+
+
+def build_app(load_state: Callable[[], ServerState], api_keys: list[str] | None = None,
+              allowed_origins: list[str] | None = None) -> FastAPI:
+    """`load_state` builds the engine (slow); it runs in a thread after the server starts listening."""
+    holder = _Holder()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        async def load():
+            try:
+                holder.state = await asyncio.to_thread(load_state)
+                holder.state.engine.start()
+            except BaseException as e:  # reported by /health and every route
+                holder.error = e
+                logger.exception("model failed to load")
+
+        task = asyncio.create_task(load())
+        yield
+        task.cancel()
+        if holder.state is not None:
+            holder.state.engine.shutdown(timeout=10)
+
+    app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible API served by tokenmill")
+    install_error_handlers(app)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"],
+                           allow_credentials=True)
+    keys = {f"Bearer {k}" for k in api_keys or []}
+
+    @app.middleware("http")
+    async def _gate(request: Request, call_next):
+        open_path = request.url.path in _OPEN_PATHS or request.method == "OPTIONS"
+        if keys and not open_path and request.headers.get("authorization") not in keys:
+            return error_response("invalid or missing API key (send Authorization: Bearer KEY)", 401,
+                                      code="invalid_api_key")
+        if holder.state is None and request.url.path not in _OPEN_PATHS:
+            if holder.error is not None:
+                return error_response(f"the model failed to load: {holder.error}", 503)
+            return error_response("the model is still loading; retry shortly", 503,
+                                  headers={"Retry-After": "5"})
+        return await call_next(request)
+
+    def state() -> ServerState:
+        return holder.state
+
+    async def chat(req: ChatCompletionRequest):
+        return await create_chat_completion(state(), req)
+
+    async def completions(req: CompletionRequest):
+        return await create_completion(state(), req)
+
+    async def models() -> ModelList:
+        s = state()
+        return ModelList(data=[ModelCard(id=n, root=s.model_name, max_model_len=s.max_model_len)
+                               for n in s.model_names])
+
+    async def model(model_id: str):
+        s = state()
+        if model_id not in s.model_names:
+            return error_response(f"model {model_id!r} not found; available: {', '.join(s.model_names)}", 404,
+                                  param="model", code="model_not_found")
+        return ModelCard(id=model_id, root=s.model_name, max_model_len=s.max_model_len)
+
+    async def tokenize(req: TokenizeRequest):
+        s = state()
+        if req.messages is not None:
+            chat_req = ChatCompletionRequest(messages=req.messages, add_generation_prompt=req.add_generation_prompt)
+            ids = render_prompt(s, chat_req)
+        else:
+            ids = s.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": s.max_model_len}
+
+    async def detokenize(req: DetokenizeRequest):
+        s = state()
+        bad = [t for t in req.tokens if not 0 <= t < s.tokenizer.vocab_size]
+        if bad:
+            return error_response(f"token ids out of range: {bad[:5]}", 400, param="tokens")
+        return {"prompt": s.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    for prefix in ("/v1", ""):
+        public = prefix == "/v1"  # the unprefixed twins stay out of the OpenAPI document
+        app.add_api_route(f"{prefix}/chat/completions", chat, methods=["POST"], include_in_schema=public)
+        app.add_api_route(f"{prefix}/completions", completions, methods=["POST"], include_in_schema=public)
+        app.add_api_route(f"{prefix}/models", models, methods=["GET"], include_in_schema=public)
+        app.add_api_route(f"{prefix}/models/{{model_id:path}}", model, methods=["GET"], include_in_schema=public)
+    app.add_api_route("/tokenize", tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize, methods=["POST"])
+
+    @app.get("/health")
+    async def health():
+        if holder.state is None:
+            return JSONResponse({"status": "failed" if holder.error else "loading"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from tokenmill.server.metrics import render
+
+        return Response(render(state()), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        name = holder.state.model_name if holder.state else "(loading)"
+        return (f"<!doctype html><title>tokenmill</title><h1>tokenmill</h1><p>Serving <b>{name}</b> with an "
+                "OpenAI-compatible API.</p><ul><li><a href='/docs'>API docs</a></li>"
+                "<li><a href='/v1/models'>/v1/models</a></li><li><a href='/health'>/health</a></li></ul>")
+
+    return app
