@@ -52,10 +52,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     from tokenmill.config import EngineConfig
     from tokenmill.server.serve import run_server
+    from tokenmill.server.state import ServerLimits
 
     config = EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
     origins = [o.strip() for item in args.allowed_origins or [] for o in item.split(",") if o.strip()]
-    run_server(config, args.host, args.port, args.served_model_name, args.api_key, origins)
+    limits = ServerLimits(max_queue_len=args.max_queue_len if args.max_queue_len >= 0 else None,
+                          request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes)
+    run_server(config, args.host, args.port, args.served_model_name, args.api_key, origins, limits)
     return 0
 
 
@@ -112,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require `Authorization: Bearer KEY` (repeat for several keys); /health stays open")
     serve.add_argument("--allowed-origins", action="append", default=None,
                        help="CORS origins allowed to call the API (comma-separated or repeated; '*' for any)")
+    serve.add_argument("--max-queue-len", type=int, default=1024,
+                       help="requests that may wait behind the running batch before new ones get 429 (-1: no limit)")
+    serve.add_argument("--request-timeout", type=float, default=None,
+                       help="seconds a request may run before it is aborted (504 / an in-band error when streaming)")
+    serve.add_argument("--max-body-bytes", type=_parse_size, default=32 << 20, help="largest request body (413 above)")
     _add_engine_flags(serve, skip=("model",))
     serve.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="generate a reply to one prompt and stream it to stdout")

@@ -82,3 +82,59 @@ def test_api_keys():
             assert httpx.get(s.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     finally:
         s.stop()
+
+
+def test_embedding_errors(server):
+    r = httpx.post(server.url + "/v1/embeddings", json={"input": "x", "dimensions": 64})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "dimensions"
+    r = httpx.post(server.url + "/v1/embeddings", json={"input": []})
+    assert r.status_code == 400
+
+
+def test_queue_full_is_429_and_body_limit_413(tiny_model_dirs):
+    """With one running slot and no queue, a second request gets 429; the accepted one still completes."""
+    import threading
+
+    from tests.server.conftest import Server
+
+    s = Server(str(tiny_model_dirs["llama"]), "--max-num-seqs", "1", "--max-queue-len", "0",
+               "--max-body-bytes", "20000", "--max-model-len", "1024")
+    try:
+        first = {}
+
+        def run_long():
+            body = {"prompt": "a b c", "max_tokens": 1000, "ignore_eos": True}
+            first["r"] = httpx.post(s.url + "/v1/completions", json=body, timeout=120)
+
+        t = threading.Thread(target=run_long)
+        t.start()
+        deadline = time.monotonic() + 10
+        while s.metric("num_requests_running") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        busy = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+        t.join()
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["type"] == "rate_limit_error"
+        assert first["r"].status_code == 200 and first["r"].json()["usage"]["completion_tokens"] == 1000
+        big = httpx.post(s.url + "/v1/completions", json={"prompt": "x" * 30000}, timeout=30)
+        assert big.status_code == 413 and big.json()["error"]["message"].startswith("request body")
+        assert s.metric("time_to_first_token_seconds_count") >= 1
+    finally:
+        s.stop()
+
+
+def test_request_timeout_is_504_or_in_band_error(tiny_model_dirs):
+    from tests.server.conftest import Server
+
+    s = Server(str(tiny_model_dirs["llama"]), "--request-timeout", "0.3", "--max-model-len", "4096")
+    try:
+        body = {"prompt": "a b c", "max_tokens": 4000, "ignore_eos": True}
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+        with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert '"type": "timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
+        time.sleep(0.5)
+        assert s.metric("num_requests_running") == 0 and s.metric("kv_cache_usage_perc") == 0
+    finally:
+        s.stop()

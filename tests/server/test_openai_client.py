@@ -89,3 +89,18 @@ def test_32_concurrent_streams_match_non_streamed(server):
     assert len(results) == 32
     mismatched = [i for i, (full, streamed) in enumerate(results) if full != streamed]
     assert not mismatched, f"streamed text differs for prompts {mismatched}"
+
+
+def test_embeddings(client):
+    import numpy as np
+
+    out = client.embeddings.create(model="m", input=["The cat sat on the mat.", "A cat was sitting on a rug.",
+                                                     "Quarterly revenue grew by 4%."])
+    vecs = np.array([d.embedding for d in out.data])
+    assert vecs.shape == (3, 576) and np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert out.usage.prompt_tokens > 0 and [d.index for d in out.data] == [0, 1, 2]
+    # The SDK asks for base64 by default when numpy is around; both encodings must agree.
+    raw = client.embeddings.create(model="m", input="The cat sat on the mat.", encoding_format="float")
+    assert np.allclose(raw.data[0].embedding, vecs[0], atol=1e-5)
+    # Similar sentences are closer than unrelated ones.
+    assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2]

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from tokenmill.engine.engine import LLMEngine
@@ -25,6 +25,11 @@ from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+def _resolve(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if not future.done():  # the caller may have gone away
+        future.set_exception(error) if error is not None else future.set_result(result)
 
 
 @dataclass(slots=True)
@@ -41,6 +46,8 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.errored: BaseException | None = None
+        self.on_finished: Callable[[RequestOutput], None] | None = None
+        """Called on the engine thread with each finished output (the server's latency metrics)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -85,6 +92,15 @@ class AsyncLLMEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def embed(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Embeddings computed on the engine thread between steps."""
+        if self._thread is None:
+            self.start()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put(("embed", loop, future, sequences))
+        return await future
+
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
@@ -105,6 +121,8 @@ class AsyncLLMEngine:
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)
+                if out.finished and self.on_finished is not None:
+                    self.on_finished(out)
 
     def _drain(self, block: bool) -> None:
         """Apply every queued command; when idle, wait for the first one."""
@@ -123,7 +141,16 @@ class AsyncLLMEngine:
                 except (TokenmillError, ValueError) as e:
                     self._deliver(request_id, e)
             elif cmd[0] == "abort":
-                self.engine.abort_request(cmd[1])
+                out = self.engine.abort_request(cmd[1])
+                if out is not None:  # a consumer still listening (abort not of its own making) gets the end
+                    self._deliver(cmd[1], out)
+            elif cmd[0] == "embed":
+                _, loop, future, sequences = cmd
+                try:
+                    result = self.engine.embed(sequences)
+                    loop.call_soon_threadsafe(_resolve, future, result, None)
+                except Exception as e:  # client errors and our bugs both go back to the caller
+                    loop.call_soon_threadsafe(_resolve, future, None, e)
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)

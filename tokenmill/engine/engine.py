@@ -151,6 +151,29 @@ class LLMEngine:
                 "Please reduce the length of the messages or completion.", param="max_tokens")
         return max_tokens
 
+    def embed(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Embeddings of token sequences (mean-pooled final hidden states, L2-normalized), in batches that
+        respect the step token budget. Runs between steps; it does not touch the KV cache."""
+        for ids in sequences:
+            if not ids:
+                raise InvalidRequestError("an embedding input is empty", param="input")
+            if len(ids) > self.max_model_len:
+                raise InvalidRequestError(f"an embedding input has {len(ids)} tokens; this model's maximum "
+                                          f"context length is {self.max_model_len} tokens", param="input")
+            bad = next((t for t in ids if not 0 <= t < self.model_config.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequestError(f"token id {bad} is out of range", param="input")
+        out: list[list[float]] = []
+        batch: list[list[int]] = []
+        for ids in sequences + [None]:
+            if ids is None or (batch and sum(map(len, batch)) + len(ids) > self.config.max_num_batched_tokens):
+                if batch:
+                    out.extend(self.runner.embed(batch).tolist())
+                batch = []
+            if ids is not None:
+                batch.append(ids)
+        return out
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (finish_reason "abort")."""
         group = self._groups.pop(request_id, None)
@@ -228,11 +251,10 @@ class LLMEngine:
             touched[group.request_id] = group
 
     def _finish_if_done(self, group: _Group) -> RequestOutput:
-        output = self._make_output(group)
-        if output.finished:
+        if group.finished:
             self._groups.pop(group.request_id, None)
             group.metrics.finished_time = time.monotonic()
-        return output
+        return self._make_output(group)
 
     def _make_output(self, group: _Group) -> RequestOutput:
         completions = []

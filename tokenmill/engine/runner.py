@@ -56,6 +56,20 @@ class ModelRunner:
             attn.kv_cache = allocate_kv_cache(num_blocks, attn.num_kv_heads, block_size, attn.head_dim, dtype, device)
 
     @torch.inference_mode()
+    def embed(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Mean-pooled, L2-normalized final hidden states: [num_sequences, hidden], float32.
+
+        One cache-free flat forward pass (the KV pool is neither read nor written)."""
+        lens = torch.tensor([len(s) for s in sequences])
+        meta = AttentionMetadata.build(lens.tolist(), device=self.device)
+        ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=self.device)
+        hidden = self.model(ids, meta).float()  # [num_tokens, hidden]
+        owner = torch.arange(len(sequences), device=self.device).repeat_interleave(lens.to(self.device))
+        sums = torch.zeros(len(sequences), hidden.shape[1], device=self.device).index_add_(0, owner, hidden)
+        means = sums / lens.to(self.device)[:, None]
+        return torch.nn.functional.normalize(means, dim=-1)
+
+    @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_tables: list[list[int]], want_prompt_logits: set[int] = frozenset(),
                 want_hidden: bool = False) -> RunnerOutput:
         """Run the step. `block_tables[i]` belongs to `out.chunks[i]`; `want_prompt_logits` holds chunk indices."""

@@ -158,7 +158,7 @@ class TorchSDPABackend:
         self._workspace: dict[str, torch.Tensor] = {}
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        if kv_cache is None:
+        if kv_cache is None or meta.slot_mapping is None:  # no cache, or a cache-free pass (embeddings)
             return _masked(q, k.transpose(0, 1), v.transpose(0, 1), meta.attn_mask, scale)
         k_cache, v_cache = kv_cache
         kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]

@@ -19,11 +19,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from tokenmill import __version__
 from tokenmill.server.chat import create_chat_completion, render_prompt
 from tokenmill.server.completions import create_completion
+from tokenmill.server.embeddings import create_embeddings
 from tokenmill.server.errors import error_response, install_error_handlers
+from tokenmill.server.interactive import register as register_interactive
 from tokenmill.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -42,7 +45,7 @@ class _Holder:
 
 
 def build_app(load_state: Callable[[], ServerState], api_keys: list[str] | None = None,
-              allowed_origins: list[str] | None = None) -> FastAPI:
+              allowed_origins: list[str] | None = None, max_body_bytes: int = 32 << 20) -> FastAPI:
     """`load_state` builds the engine (slow); it runs in a thread after the server starts listening."""
     holder = _Holder()
 
@@ -72,6 +75,9 @@ def build_app(load_state: Callable[[], ServerState], api_keys: list[str] | None 
 
     @app.middleware("http")
     async def _gate(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > max_body_bytes:
+            return error_response(f"request body of {size} bytes exceeds the limit of {max_body_bytes}", 413)
         open_path = request.url.path in _OPEN_PATHS or request.method == "OPTIONS"
         if keys and not open_path and request.headers.get("authorization") not in keys:
             return error_response("invalid or missing API key (send Authorization: Bearer KEY)", 401,
@@ -91,6 +97,9 @@ def build_app(load_state: Callable[[], ServerState], api_keys: list[str] | None 
 
     async def completions(req: CompletionRequest):
         return await create_completion(state(), req)
+
+    async def embeddings(req: EmbeddingRequest):
+        return await create_embeddings(state(), req)
 
     async def models() -> ModelList:
         s = state()
@@ -124,8 +133,10 @@ def build_app(load_state: Callable[[], ServerState], api_keys: list[str] | None 
         public = prefix == "/v1"  # the unprefixed twins stay out of the OpenAPI document
         app.add_api_route(f"{prefix}/chat/completions", chat, methods=["POST"], include_in_schema=public)
         app.add_api_route(f"{prefix}/completions", completions, methods=["POST"], include_in_schema=public)
+        app.add_api_route(f"{prefix}/embeddings", embeddings, methods=["POST"], include_in_schema=public)
         app.add_api_route(f"{prefix}/models", models, methods=["GET"], include_in_schema=public)
         app.add_api_route(f"{prefix}/models/{{model_id:path}}", model, methods=["GET"], include_in_schema=public)
+    register_interactive(app, state)
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
 
@@ -139,9 +150,7 @@ def build_app(load_state: Callable[[], ServerState], api_keys: list[str] | None 
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        from tokenmill.server.metrics import render
-
-        return Response(render(state()), media_type=CONTENT_TYPE_LATEST)
+        return Response(state().metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/version")
     async def version():

@@ -19,7 +19,15 @@ from fastapi.responses import StreamingResponse
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
-from tokenmill.server.format import chat_logprobs, error_event, sse, usage
+from tokenmill.server.format import (
+    chat_logprobs,
+    error_event,
+    next_within,
+    sse,
+    start_deadline,
+    until_finished,
+    usage,
+)
 from tokenmill.server.protocol import ChatCompletionRequest, ChatCompletionResponse, random_id
 from tokenmill.server.state import ServerState
 
@@ -42,6 +50,7 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest):
     model = state.check_model(req.model)
+    state.admit()
     prompt_ids = render_prompt(state, req)
     params = req.to_sampling_params(state.defaults)
     request_id = random_id("chatcmpl")
@@ -54,9 +63,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest)
     if req.stream:
         return StreamingResponse(_events(state, req, model, request_id, first, stream),
                                  media_type="text/event-stream")
-    final = first
-    async for out in stream:
-        final = out
+    final = await until_finished(state, first, stream)
     return _response(state, req, model, request_id, final)
 
 
@@ -85,6 +92,7 @@ async def _events(state, req, model, request_id, first: RequestOutput,
         return sse(body)
 
     last, finished = first, set()
+    deadline = start_deadline(state)
     try:
         yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for c in first.outputs])
@@ -105,7 +113,7 @@ async def _events(state, req, model, request_id, first: RequestOutput,
             last = out
             if out.finished:
                 break
-            out = await anext(stream)
+            out = await next_within(state, stream, deadline)
         if include_usage:
             yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                        "system_fingerprint": state.fingerprint, "choices": [], "usage": usage(last)})

@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 from fastapi.responses import StreamingResponse
 
 from tokenmill.outputs import RequestOutput
-from tokenmill.server.format import completion_logprobs, error_event, sse
+from tokenmill.server.format import completion_logprobs, error_event, next_within, sse, start_deadline, until_finished
 from tokenmill.server.protocol import CompletionRequest, CompletionResponse, random_id
 from tokenmill.server.state import ServerState
 
 
 async def create_completion(state: ServerState, req: CompletionRequest):
     model = state.check_model(req.model)
+    state.admit()
     params = req.to_sampling_params(state.defaults)
     request_id = random_id("cmpl")
     prompts = []
@@ -36,12 +37,7 @@ async def create_completion(state: ServerState, req: CompletionRequest):
     if req.stream:
         return StreamingResponse(_events(state, req, model, request_id, prompts, firsts, streams),
                                  media_type="text/event-stream")
-    finals = []
-    for first, s in zip(firsts, streams, strict=True):
-        final = first
-        async for out in s:
-            final = out
-        finals.append(final)
+    finals = [await until_finished(state, first, s) for first, s in zip(firsts, streams, strict=True)]
     return _response(state, req, model, request_id, prompts, finals)
 
 
@@ -67,12 +63,14 @@ async def _events(state, req, model, request_id, prompts, firsts, streams) -> As
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     queue: asyncio.Queue = asyncio.Queue()
 
+    deadline = start_deadline(state)
+
     async def pump(i, first, stream):
         try:
             out = first
             await queue.put((i, out))
             while not out.finished:
-                out = await anext(stream)
+                out = await next_within(state, stream, deadline)
                 await queue.put((i, out))
         except Exception as e:
             await queue.put((i, e))

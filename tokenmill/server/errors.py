@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          503: "service_unavailable"}
+          503: "service_unavailable", 504: "timeout"}
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "literal"}
@@ -64,7 +64,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ClientError)
     async def _client(_: Request, exc: ClientError):
-        return error_response(exc.message, exc.status_code, exc.param)
+        headers = {"Retry-After": "1"} if exc.status_code == 429 else None
+        return error_response(exc.message, exc.status_code, exc.param, headers=headers)
 
     @app.exception_handler(ValueError)
     async def _value(_: Request, exc: ValueError):  # SamplingParams and friends validate with ValueError

@@ -2,11 +2,47 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 from tokenmill.errors import ClientError
 from tokenmill.outputs import Logprob, RequestOutput
 from tokenmill.server.errors import error_body
+
+
+class RequestTimeoutError(ClientError):
+    status_code = 504
+    error_type = "timeout"
+
+
+def start_deadline(state) -> float | None:
+    timeout = state.limits.request_timeout
+    return None if timeout is None else time.monotonic() + timeout
+
+
+async def next_within(state, stream, deadline: float | None):
+    """The stream's next output, or RequestTimeoutError once the request's time is up (the caller's
+    `finally` closes the stream, which aborts the request)."""
+    if deadline is None:
+        return await anext(stream)
+    try:
+        return await asyncio.wait_for(anext(stream), max(deadline - time.monotonic(), 0.0))
+    except TimeoutError:
+        raise RequestTimeoutError(f"the request ran longer than the server's {state.limits.request_timeout:g} s "
+                                  "timeout and was stopped") from None
+
+
+async def until_finished(state, first, stream):
+    """Drain a non-streaming request to its final output, within the timeout; aborts it on any exit."""
+    deadline = start_deadline(state)
+    out = first
+    try:
+        while not out.finished:
+            out = await next_within(state, stream, deadline)
+        return out
+    finally:
+        await stream.aclose()
 
 
 def sse(body: dict) -> str:
