@@ -15,11 +15,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.beam_search import beam_search
+from tokenmill.engine.beam_search import beam_search, to_request_output
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.tokenizer.chat_template import ChatTemplate
 
 PromptType = str | list[int] | dict
 logger = logging.getLogger(__name__)
@@ -62,33 +61,8 @@ class LLM:
 
     def _beam_search_one(self, encoded: tuple[str | None, list[int]], params: SamplingParams) -> RequestOutput:
         text, ids = encoded
-        eos = set(self.engine.eos_token_ids) | set(params.stop_token_ids or [])
-        outputs = []
-        for index, beam in enumerate(beam_search(self.engine, ids, params)):
-            ended = bool(beam.token_ids) and beam.token_ids[-1] in eos and not params.ignore_eos
-            outputs.append(CompletionOutput(
-                index=index, text=self.tokenizer.decode(beam.token_ids, skip_special_tokens=params.skip_special_tokens),
-                token_ids=beam.token_ids, cumulative_logprob=beam.logprob,
-                finish_reason="stop" if ended else "length"))
-        return RequestOutput(str(next(self._ids)), text, ids, outputs, finished=True)
-
-    def chat(self, messages: list[dict] | Sequence[list[dict]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
-             chat_template: str | None = None, chat_template_kwargs: dict | None = None,
-             add_generation_prompt: bool = True, continue_final_message: bool = False,
-             tools: list[dict] | None = None) -> list[RequestOutput]:
-        """Render each conversation with the model's chat template and generate a reply."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        template = ChatTemplate(chat_template or self._require_template())
-        tok = self.tokenizer
-        encoded = []
-        for conv in conversations:
-            text = template.render(conv, add_generation_prompt=add_generation_prompt,
-                                   continue_final_message=continue_final_message, tools=tools,
-                                   bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
-                                   template_kwargs=chat_template_kwargs)
-            encoded.append((text, tok.encode(text, add_special_tokens=False)))
-        return self._run(encoded, self._params_list(sampling_params, len(encoded)), use_tqdm)
+        beams = beam_search(self.engine, ids, params)
+        return to_request_output(self.engine, str(next(self._ids)), text, ids, beams, params)
 
     # ------------------------------------------------------------------ internals
 

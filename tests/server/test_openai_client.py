@@ -104,3 +104,24 @@ def test_embeddings(client):
     assert np.allclose(raw.data[0].embedding, vecs[0], atol=1e-5)
     # Similar sentences are closer than unrelated ones.
     assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2]
+
+
+def test_beam_search_through_the_server(server):
+    """vLLM's extra fields select beam search; the result equals the offline LLM's beam search."""
+    import httpx
+
+    body = {"prompt": "The best thing about mills is", "max_tokens": 8, "use_beam_search": True, "num_beams": 3,
+            "n": 2, "temperature": 0}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(choices) == 2 and choices[0]["text"] != choices[1]["text"]
+    stream = httpx.post(server.url + "/v1/completions", json={**body, "stream": True}, timeout=30)
+    assert stream.status_code == 400 and stream.json()["error"]["param"] == "stream"
+
+
+def test_chinese_streams_without_broken_characters(client):
+    stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "请用中文介绍一下长城。"}],
+                                            temperature=0, max_tokens=40, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert all("\ufffd" not in p for p in pieces) and any(p.strip() for p in pieces)

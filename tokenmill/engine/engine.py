@@ -111,7 +111,7 @@ class LLMEngine:
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"prompt token id {bad} is out of range [0, {vocab})", param="prompt")
-        max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params.max_tokens)
+        max_tokens = self.resolve_max_tokens(len(prompt_token_ids), params.max_tokens)
         count = params.best_of or params.n
         children, metrics = [], RequestMetrics(time.monotonic(), num_prompt_tokens=len(prompt_token_ids))
         for i in range(count):
@@ -136,7 +136,8 @@ class LLMEngine:
                 raise InvalidRequestError(str(e), param="max_tokens") from e
         self._groups[request_id] = group
 
-    def _resolve_max_tokens(self, num_prompt: int, max_tokens: int | None) -> int:
+    def resolve_max_tokens(self, num_prompt: int, max_tokens: int | None) -> int:
+        """The request's generation limit; InvalidRequestError when prompt + max_tokens exceed the context."""
         limit = self.max_model_len
         if max_tokens is None:
             if num_prompt >= limit:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
+from tokenmill.engine.beam_search import beam_search_async, to_request_output
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.server.format import (
@@ -48,12 +49,22 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
+async def run_beam_search(state: ServerState, request_id: str, prompt_ids: list[int], params) -> RequestOutput:
+    beams = await beam_search_async(state.engine, prompt_ids, params)
+    return to_request_output(state.engine.engine, request_id, None, prompt_ids, beams, params)
+
+
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest):
     model = state.check_model(req.model)
     state.admit()
     prompt_ids = render_prompt(state, req)
     params = req.to_sampling_params(state.defaults)
     request_id = random_id("chatcmpl")
+    if params.use_beam_search:
+        if req.stream:
+            raise InvalidRequestError("beam search results cannot be streamed", param="stream")
+        out = await run_beam_search(state, request_id, prompt_ids, params)
+        return _response(state, req, model, request_id, out)
     stream = state.engine.generate(prompt_ids, params, request_id)
     try:
         first = await anext(stream)  # engine-side validation errors surface here, before any byte is sent

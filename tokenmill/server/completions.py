@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
+from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
+from tokenmill.server.chat import run_beam_search
 from tokenmill.server.format import completion_logprobs, error_event, next_within, sse, start_deadline, until_finished
 from tokenmill.server.protocol import CompletionRequest, CompletionResponse, random_id
 from tokenmill.server.state import ServerState
@@ -25,6 +27,11 @@ async def create_completion(state: ServerState, req: CompletionRequest):
         ids = state.tokenizer.encode(p) if isinstance(p, str) else list(p)
         text = p if isinstance(p, str) else state.tokenizer.decode(ids, skip_special_tokens=False)
         prompts.append((text, ids))
+    if params.use_beam_search:
+        if req.stream:
+            raise InvalidRequestError("beam search results cannot be streamed", param="stream")
+        finals = [await run_beam_search(state, request_id, ids, params) for _, ids in prompts]
+        return _response(state, req, model, request_id, prompts, finals)
     streams = [state.engine.generate(ids, params, f"{request_id}-{i}") for i, (_, ids) in enumerate(prompts)]
     firsts = []
     try:

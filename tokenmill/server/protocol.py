@@ -55,7 +55,9 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     use_beam_search: bool = False
+    num_beams: int | None = Field(None, ge=1)
     length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None, defaults: dict) -> SamplingParams:
@@ -72,7 +74,8 @@ class _SamplingFields(_Request):
             seed=self.seed, logprobs=logprobs, prompt_logprobs=self.prompt_logprobs,
             logit_bias=self.logit_bias, skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
-            use_beam_search=self.use_beam_search, length_penalty=self.length_penalty)
+            use_beam_search=self.use_beam_search, num_beams=self.num_beams, length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping)
 
 
 # ---------------------------------------------------------------------- chat
