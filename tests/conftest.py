@@ -110,3 +110,13 @@ def assert_greedy_match(
             return i
     assert len(ours) == len(ref), f"lengths differ: ours {len(ours)}, reference {len(ref)}"
     return None
+
+
+@pytest.fixture(scope="session")
+def server():
+    """One `tokenmill serve` process on the default model for every test that talks HTTP."""
+    from tests.server.harness import Server
+
+    s = Server("--max-num-seqs", "32")
+    yield s
+    s.stop()

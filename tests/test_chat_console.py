@@ -7,7 +7,6 @@ import copy
 import io
 import socket
 
-from tests.server.conftest import server  # noqa: F401 - the shared `tokenmill serve` fixture
 from tokenmill.chat_console import add_chat_parser, run_console
 from tokenmill.client import APIClient
 

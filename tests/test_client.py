@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tests.server.conftest import server  # noqa: F401 - the shared `tokenmill serve` fixture
 from tokenmill.client import APIClient, APIConnectionError, APIError
 
 MESSAGES = [{"role": "system", "content": "You are terse."},

@@ -2,6 +2,7 @@
 
     tokenmill serve [MODEL] [--host H] [--port P] [engine options]   the OpenAI-compatible server
     tokenmill generate "PROMPT" [--model PATH] [--max-tokens N] [--raw]
+    tokenmill chat URL [--model M] [--system S]                          an interactive console for any OpenAI API
 
 `generate` loads the model (the bundled SmolLM2 GGUF by default) into the engine, wraps the prompt in the
 model's chat template unless --raw, and streams the reply to stdout (greedy unless --temperature).
@@ -136,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", default=None, help="a system message to put before the prompt")
     gen.add_argument("--chat-template", default=None, help="a chat template file or inline Jinja string to use instead")
     gen.set_defaults(func=_generate)
+
+    from tokenmill.chat_console import add_chat_parser
+
+    add_chat_parser(sub)
     return parser
 
 

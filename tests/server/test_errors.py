@@ -70,7 +70,7 @@ def test_disconnect_mid_stream_frees_the_pool(server):
 
 
 def test_api_keys():
-    from tests.server.conftest import Server
+    from tests.server.harness import Server
 
     s = Server("--api-key", "k1", "--api-key", "k2", "--max-model-len", "512")
     try:
@@ -95,7 +95,7 @@ def test_queue_full_is_429_and_body_limit_413(tiny_model_dirs):
     """With one running slot and no queue, a second request gets 429; the accepted one still completes."""
     import threading
 
-    from tests.server.conftest import Server
+    from tests.server.harness import Server
 
     s = Server(str(tiny_model_dirs["llama"]), "--max-num-seqs", "1", "--max-queue-len", "0",
                "--max-body-bytes", "20000", "--max-model-len", "1024")
@@ -124,7 +124,7 @@ def test_queue_full_is_429_and_body_limit_413(tiny_model_dirs):
 
 
 def test_request_timeout_is_504_or_in_band_error(tiny_model_dirs):
-    from tests.server.conftest import Server
+    from tests.server.harness import Server
 
     s = Server(str(tiny_model_dirs["llama"]), "--request-timeout", "0.3", "--max-model-len", "4096")
     try:

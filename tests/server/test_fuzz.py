@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_model_dirs):
-    from tests.server.conftest import Server
+    from tests.server.harness import Server
 
     s = Server(str(tiny_model_dirs["qwen2"]), "--max-model-len", "96", "--max-num-seqs", "8")
     yield s

@@ -23,8 +23,12 @@ async def create_completion(state: ServerState, req: CompletionRequest):
     params = req.to_sampling_params(state.defaults)
     request_id = random_id("cmpl")
     prompts = []
+    vocab = state.engine.engine.model_config.vocab_size
     for p in req.prompts():
         ids = state.tokenizer.encode(p) if isinstance(p, str) else list(p)
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:  # checked before decoding: the tokenizer raises on such ids
+            raise InvalidRequestError(f"prompt token id {bad} is out of range [0, {vocab})", param="prompt")
         text = p if isinstance(p, str) else state.tokenizer.decode(ids, skip_special_tokens=False)
         prompts.append((text, ids))
     if params.use_beam_search:

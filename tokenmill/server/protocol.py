@@ -55,7 +55,7 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     use_beam_search: bool = False
-    num_beams: int | None = Field(None, ge=1)
+    num_beams: int | None = Field(None, ge=1, le=32)  # each beam is a request per step: bound the width
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
@@ -150,7 +150,7 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1, le=128)
     suffix: str | None = None
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""A real `tokenmill serve` process on a free loopback port, shared by the server tests."""
+"""A real `tokenmill serve` process on a free loopback port (the `server` fixture lives in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import sys
 import time
 
 import httpx
-import pytest
 
 
 def _free_port() -> int:
@@ -50,10 +49,3 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
-
-
-@pytest.fixture(scope="session")
-def server():
-    s = Server("--max-num-seqs", "32")
-    yield s
-    s.stop()
