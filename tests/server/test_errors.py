@@ -138,3 +138,16 @@ def test_request_timeout_is_504_or_in_band_error(tiny_model_dirs):
         assert s.metric("num_requests_running") == 0 and s.metric("kv_cache_usage_perc") == 0
     finally:
         s.stop()
+
+
+def test_non_streaming_disconnect_aborts(server):
+    """A client that gives up on a non-streaming request frees its blocks without waiting for the end."""
+    before = server.metric("generation_tokens")
+    body = {"messages": USER, "max_tokens": 2000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + CHAT, json=body, timeout=1.5)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and server.metric("num_requests_running") > 0:
+        time.sleep(0.2)
+    assert server.metric("num_requests_running") == 0 and server.metric("kv_cache_usage_perc") == 0.0
+    assert server.metric("generation_tokens") - before < 1000  # stopped long before its 2,000 tokens

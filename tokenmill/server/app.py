@@ -44,6 +44,39 @@ class _Holder:
     error: BaseException | None = None
 
 
+class _Gate:
+    """Checks every HTTP request before the routes: body size (413), API key (401), model loaded (503).
+
+    A plain ASGI middleware, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware wraps `receive`,
+    and the routes behind it then never see the client's disconnect (which aborts its request)."""
+
+    def __init__(self, app, holder: _Holder, keys: set[str], max_body_bytes: int):
+        self.app, self.holder, self.keys, self.max_body_bytes = app, holder, keys, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            response = self._refusal(scope)
+            if response is not None:
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        size = headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > self.max_body_bytes:
+            return error_response(f"request body of {size} bytes exceeds the limit of {self.max_body_bytes}", 413)
+        path = scope["path"]
+        open_path = path in _OPEN_PATHS or scope["method"] == "OPTIONS"
+        if self.keys and not open_path and headers.get("authorization") not in self.keys:
+            return error_response("invalid or missing API key (send Authorization: Bearer KEY)", 401,
+                                  code="invalid_api_key")
+        if self.holder.state is None and path not in _OPEN_PATHS:
+            if self.holder.error is not None:
+                return error_response(f"the model failed to load: {self.holder.error}", 503)
+            return error_response("the model is still loading; retry shortly", 503, headers={"Retry-After": "5"})
+        return None
+
+
 def build_app(load_state: Callable[[], ServerState], api_keys: list[str] | None = None,
               allowed_origins: list[str] | None = None, max_body_bytes: int = 32 << 20) -> FastAPI:
     """`load_state` builds the engine (slow); it runs in a thread after the server starts listening."""
@@ -71,32 +104,17 @@ def build_app(load_state: Callable[[], ServerState], api_keys: list[str] | None 
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"],
                            allow_credentials=True)
-    keys = {f"Bearer {k}" for k in api_keys or []}
-
-    @app.middleware("http")
-    async def _gate(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            return error_response(f"request body of {size} bytes exceeds the limit of {max_body_bytes}", 413)
-        open_path = request.url.path in _OPEN_PATHS or request.method == "OPTIONS"
-        if keys and not open_path and request.headers.get("authorization") not in keys:
-            return error_response("invalid or missing API key (send Authorization: Bearer KEY)", 401,
-                                      code="invalid_api_key")
-        if holder.state is None and request.url.path not in _OPEN_PATHS:
-            if holder.error is not None:
-                return error_response(f"the model failed to load: {holder.error}", 503)
-            return error_response("the model is still loading; retry shortly", 503,
-                                  headers={"Retry-After": "5"})
-        return await call_next(request)
+    app.add_middleware(_Gate, holder=holder, keys={f"Bearer {k}" for k in api_keys or []},
+                       max_body_bytes=max_body_bytes)
 
     def state() -> ServerState:
         return holder.state
 
-    async def chat(req: ChatCompletionRequest):
-        return await create_chat_completion(state(), req)
+    async def chat(req: ChatCompletionRequest, request: Request):
+        return await create_chat_completion(state(), req, request)
 
-    async def completions(req: CompletionRequest):
-        return await create_completion(state(), req)
+    async def completions(req: CompletionRequest, request: Request):
+        return await create_completion(state(), req, request)
 
     async def embeddings(req: EmbeddingRequest):
         return await create_embeddings(state(), req)

@@ -54,7 +54,7 @@ async def run_beam_search(state: ServerState, request_id: str, prompt_ids: list[
     return to_request_output(state.engine.engine, request_id, None, prompt_ids, beams, params)
 
 
-async def create_chat_completion(state: ServerState, req: ChatCompletionRequest):
+async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, request=None):
     model = state.check_model(req.model)
     state.admit()
     prompt_ids = render_prompt(state, req)
@@ -74,7 +74,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest)
     if req.stream:
         return StreamingResponse(_events(state, req, model, request_id, first, stream),
                                  media_type="text/event-stream")
-    final = await until_finished(state, first, stream)
+    final = await until_finished(state, first, stream, request)
     return _response(state, req, model, request_id, final)
 
 

@@ -17,7 +17,7 @@ from tokenmill.server.protocol import CompletionRequest, CompletionResponse, ran
 from tokenmill.server.state import ServerState
 
 
-async def create_completion(state: ServerState, req: CompletionRequest):
+async def create_completion(state: ServerState, req: CompletionRequest, request=None):
     model = state.check_model(req.model)
     state.admit()
     params = req.to_sampling_params(state.defaults)
@@ -48,7 +48,11 @@ async def create_completion(state: ServerState, req: CompletionRequest):
     if req.stream:
         return StreamingResponse(_events(state, req, model, request_id, prompts, firsts, streams),
                                  media_type="text/event-stream")
-    finals = [await until_finished(state, first, s) for first, s in zip(firsts, streams, strict=True)]
+    try:
+        finals = [await until_finished(state, first, s, request) for first, s in zip(firsts, streams, strict=True)]
+    finally:
+        for s in streams:  # a disconnect while draining one prompt must abort the others too
+            await s.aclose()
     return _response(state, req, model, request_id, prompts, finals)
 
 

@@ -33,16 +33,29 @@ async def next_within(state, stream, deadline: float | None):
                                   "timeout and was stopped") from None
 
 
-async def until_finished(state, first, stream):
-    """Drain a non-streaming request to its final output, within the timeout; aborts it on any exit."""
+async def until_finished(state, first, stream, request=None):
+    """Drain a non-streaming request to its final output, within the timeout; aborts it on any exit,
+    including the client going away (`request`: the HTTP request, watched for a disconnect)."""
     deadline = start_deadline(state)
     out = first
+    watcher = None
+    if request is not None:
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, asyncio.current_task()))
     try:
         while not out.finished:
             out = await next_within(state, stream, deadline)
         return out
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await stream.aclose()
+
+
+async def _cancel_on_disconnect(request, task: asyncio.Task) -> None:
+    """Cancel the handler when its client disconnects: its `finally` then aborts the engine request."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)
+    task.cancel()
 
 
 def sse(body: dict) -> str:
