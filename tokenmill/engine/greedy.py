@@ -1,7 +1,7 @@
 """A minimal batched greedy decoder over the paged KV cache.
 
-This is the foundation's generation loop (the `tokenmill generate` command and the parity tests);
-the engine's scheduler replaces it for serving. It already runs the real data path: every step is one
+The parity tests drive the bare model with it (no scheduler, sampler or fused/packed weights, so a
+mismatch points at the model code); serving goes through the engine. It runs the real data path: every step is one
 flat forward pass over all active sequences (the first step prefills every prompt at once, later steps
 decode one token per sequence), keys and values live in a paged cache addressed by block tables.
 
@@ -11,7 +11,7 @@ decode one token per sequence), keys and values live in a paged cache addressed 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -46,9 +46,8 @@ def greedy_generate(
     eos_token_ids: Sequence[int] = (),
     block_size: int = 16,
     keep_logits: bool = False,
-    on_token: Callable[[int, int], None] | None = None,
 ) -> list[GreedyResult]:
-    """Greedy-decode every prompt together; `on_token(seq_index, token_id)` is called as tokens appear."""
+    """Greedy-decode every prompt together."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
@@ -81,8 +80,6 @@ def greedy_generate(
                 results[i].token_ids.append(tok)
                 if keep_logits:
                     results[i].logits.append(logits[row].cpu())
-                if on_token is not None:
-                    on_token(i, tok)
                 if tok not in eos_token_ids and len(results[i].token_ids) < max_new_tokens:
                     still.append(i)
             active = still

@@ -35,8 +35,6 @@ class RunnerOutput:
     """Indices into SchedulerOutput.chunks of the rows of `sample_logits`."""
     prompt_logits: dict[int, torch.Tensor] = field(default_factory=dict)
     """chunk index -> [chunk tokens, vocab] logits, for chunks whose request wants prompt logprobs."""
-    hidden: torch.Tensor | None = None
-    """[num_tokens, hidden] final hidden states, when asked (embeddings)."""
 
 
 class ModelRunner:
@@ -70,8 +68,8 @@ class ModelRunner:
         return torch.nn.functional.normalize(means, dim=-1)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, block_tables: list[list[int]], want_prompt_logits: set[int] = frozenset(),
-                want_hidden: bool = False) -> RunnerOutput:
+    def execute(self, out: SchedulerOutput, block_tables: list[list[int]],
+                want_prompt_logits: set[int] = frozenset()) -> RunnerOutput:
         """Run the step. `block_tables[i]` belongs to `out.chunks[i]`; `want_prompt_logits` holds chunk indices."""
         ids: list[int] = []
         for chunk in out.chunks:
@@ -81,7 +79,7 @@ class ModelRunner:
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), meta)
 
         sample_chunks = [i for i, c in enumerate(out.chunks) if c.samples]
-        result = RunnerOutput(None, sample_chunks, hidden=hidden if want_hidden else None)
+        result = RunnerOutput(None, sample_chunks)
         if sample_chunks:
             last = meta.query_start_loc[1:] - 1  # [num_chunks] each chunk's last token in the flat batch
             rows = last[torch.tensor(sample_chunks, device=self.device)]
